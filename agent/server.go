@@ -120,7 +120,9 @@ func (s *Server) Start(ctx context.Context) error {
 	s.upgrader = websocket.NewUpgrader()
 	s.upgrader.KeepaliveTime = 0 // liveness is the wheel's job: no per-connection deadline
 	s.upgrader.CheckOrigin = s.opts.checkOrigin
-	s.upgrader.MessageLengthLimit = s.opts.maxPacket + 4
+	// A frame may carry several packets; the decoder enforces the per-packet
+	// limit, this only bounds one frame's buffering.
+	s.upgrader.MessageLengthLimit = max(4*(s.opts.maxPacket+4), 1<<20)
 	s.upgrader.OnMessage(func(ws *websocket.Conn, mt websocket.MessageType, data []byte) {
 		c, ok := ws.Session().(*conn)
 		if !ok {

@@ -146,11 +146,19 @@ func (d *Dispatcher) Drain(ctx context.Context) error {
 	}
 }
 
-// Stop stops the workers and executors. Call Drain first to finish queued work.
-func (d *Dispatcher) Stop() {
+// Stop stops the workers and executors and waits, bounded by ctx, for the
+// handlers still running to return. Call Drain first to finish queued work.
+func (d *Dispatcher) Stop(ctx context.Context) error {
 	d.draining.Store(true)
 	d.once.Do(func() { close(d.stop) })
-	d.wg.Wait()
+	done := make(chan struct{})
+	go func() { d.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("handler: stop: handlers still running: %w", ctx.Err())
+	}
 }
 
 func (d *Dispatcher) work() {

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 )
 
 // Type is the type of a message.
@@ -119,8 +120,9 @@ func Encode(m *Message, dict *Dictionary) ([]byte, error) {
 
 // Decode parses b into m. A compressed route is resolved through dict; a plain
 // route known to dict is returned without allocating. zlib-compressed data is
-// inflated, and rejected with ErrTooLarge beyond maxData bytes (no limit if
-// maxData <= 0).
+// inflated (into a new buffer), and the data, inflated or not, is rejected
+// with ErrTooLarge beyond maxData bytes. maxData <= 0 means no limit, which a
+// server must not use for client input: zlib inflates up to about 1000 times.
 func Decode(b []byte, m *Message, dict *Dictionary, maxData int) error {
 	*m = Message{}
 	if len(b) < 1 {
@@ -190,15 +192,36 @@ func Decode(b []byte, m *Message, dict *Dictionary, maxData int) error {
 	return nil
 }
 
+// inflaters are reused zlib readers: a fresh one allocates about 40 KiB.
+var inflaters sync.Pool // *inflater
+
+type inflater struct {
+	src bytes.Reader
+	zr  io.ReadCloser // also a zlib.Resetter
+}
+
 func inflate(b []byte, maxData int) ([]byte, error) {
-	zr, err := zlib.NewReader(bytes.NewReader(b))
+	f, _ := inflaters.Get().(*inflater)
+	if f == nil {
+		f = new(inflater)
+	}
+	defer func() {
+		f.src.Reset(nil) // do not keep b reachable from the pool
+		inflaters.Put(f)
+	}()
+	f.src.Reset(b)
+	var err error
+	if f.zr == nil {
+		f.zr, err = zlib.NewReader(&f.src) // nil on error
+	} else {
+		err = f.zr.(zlib.Resetter).Reset(&f.src, nil)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: zlib: %v", ErrInvalidMessage, err)
 	}
-	defer zr.Close()
-	var r io.Reader = zr
+	var r io.Reader = f.zr
 	if maxData > 0 {
-		r = io.LimitReader(zr, int64(maxData)+1)
+		r = io.LimitReader(f.zr, int64(maxData)+1)
 	}
 	out, err := io.ReadAll(r)
 	if err != nil {

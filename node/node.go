@@ -10,9 +10,11 @@ import (
 	"net/http"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nanomesh/nanomesh/agent"
+	"github.com/nanomesh/nanomesh/discovery"
 	"github.com/nanomesh/nanomesh/handler"
 	"github.com/nanomesh/nanomesh/message"
 	"github.com/nanomesh/nanomesh/session"
@@ -28,18 +30,67 @@ type component struct {
 }
 
 type options struct {
-	components   []component
-	agentOpts    []agent.Option
-	dispOpts     []handler.DispatcherOption
-	listens      bool
-	compress     bool
-	dict         map[string]uint16
-	ser          message.Serializer
-	outbound     []func(*session.Session, *message.Message) error
-	onSession    []func(*session.Session)
-	log          zerolog.Logger
-	shutdownWait time.Duration
+	components []component
+	agentOpts  []agent.Option
+	dispOpts   []handler.DispatcherOption
+	listens    bool
+	compress   bool
+	dict       map[string]uint16
+	ser        message.Serializer
+	outbound   []func(*session.Session, *message.Message) error
+	onSession  []func(*session.Session)
+	log        zerolog.Logger
+
+	// cluster mode
+	disc           discovery.Discovery
+	id             string
+	grpcAddr       string
+	advertise      string
+	labels         map[string]string
+	clientAddrs    map[string]string
+	routers        map[string]Router
+	requestTimeout time.Duration
+	sweep          time.Duration
+	drainGrace     time.Duration
 }
+
+// Version is the nanomesh version published in member records.
+const Version = "0.1.0"
+
+// WithCluster makes the node a cluster member: it registers itself as id in
+// d, serves the gRPC service between nodes on grpcAddr ("127.0.0.1:0" picks a
+// port), and forwards messages for routes it does not serve to the nodes
+// that do.
+func WithCluster(d discovery.Discovery, id, grpcAddr string) Option {
+	return func(o *options) { o.disc, o.id, o.grpcAddr = d, id, grpcAddr }
+}
+
+// WithAdvertiseAddr sets the gRPC address published to peers (default: the
+// listener's address).
+func WithAdvertiseAddr(addr string) Option { return func(o *options) { o.advertise = addr } }
+
+// WithLabels sets labels published in the member record, for custom routers.
+func WithLabels(labels map[string]string) Option { return func(o *options) { o.labels = labels } }
+
+// WithRouter routes service's messages with r on every message, instead of
+// the default: sticky per session (the first random choice is kept while that
+// node lives).
+func WithRouter(service string, r Router) Option {
+	return func(o *options) {
+		if o.routers == nil {
+			o.routers = make(map[string]Router)
+		}
+		o.routers[service] = r
+	}
+}
+
+// WithRequestTimeout bounds how long a forwarded request waits for the
+// remote node's response before the client gets 504 (default 10 s).
+func WithRequestTimeout(d time.Duration) Option { return func(o *options) { o.requestTimeout = d } }
+
+// WithDrainGrace bounds how long a departing node waits for gates to stop
+// sending it work after it deregistered (default 5 s, within Shutdown's ctx).
+func WithDrainGrace(d time.Duration) Option { return func(o *options) { o.drainGrace = d } }
 
 // WithComponent registers a component with its registration options.
 func WithComponent(c handler.Component, opts ...handler.Option) Option {
@@ -106,11 +157,12 @@ func WithLogger(l zerolog.Logger) Option { return func(o *options) { o.log = l }
 
 // Node is a nanomesh node.
 type Node struct {
-	opts  options
-	reg   *handler.Registry
-	disp  *handler.Dispatcher
-	agent *agent.Server
-	log   zerolog.Logger
+	opts    options
+	reg     *handler.Registry
+	disp    *handler.Dispatcher
+	agent   *agent.Server
+	cluster *cluster
+	log     zerolog.Logger
 
 	mu      sync.Mutex
 	started bool
@@ -119,7 +171,8 @@ type Node struct {
 
 // New returns a node configured by opts. Call Start to run it.
 func New(opts ...Option) *Node {
-	o := options{log: zerolog.Nop(), ser: message.JSON}
+	o := options{log: zerolog.Nop(), ser: message.JSON,
+		requestTimeout: 10 * time.Second, sweep: 100 * time.Millisecond, drainGrace: 5 * time.Second}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -146,10 +199,26 @@ func (n *Node) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("node: %w", err)
 	}
-	dopts := append([]handler.DispatcherOption{handler.WithLogger(n.log)}, n.opts.dispOpts...)
-	n.disp = handler.NewDispatcher(n.reg, dopts...)
+	dopts := []handler.DispatcherOption{handler.WithLogger(n.log)}
+	if n.opts.disc != nil {
+		n.cluster = &cluster{n: n, disc: n.opts.disc, log: n.log}
+		dopts = append(dopts, handler.WithRemote(n.cluster.forward))
+	}
+	n.disp = handler.NewDispatcher(n.reg, append(dopts, n.opts.dispOpts...)...)
 	n.reg.Init()
 	n.disp.Start()
+	if n.cluster != nil {
+		if err := n.cluster.start(ctx); err != nil {
+			_ = n.disp.Stop(ctx)
+			n.reg.Shutdown()
+			return err
+		}
+		num := int64(n.cluster.self.Num)
+		var seq atomic.Int64
+		n.opts.agentOpts = append(n.opts.agentOpts, agent.WithSessionIDs(func() int64 { return num<<40 | seq.Add(1) }))
+		n.log.Info().Str("id", n.opts.id).Str("grpc", n.cluster.self.GRPCAddr).Uint32("num", n.cluster.self.Num).
+			Msg("registered and routable")
+	}
 	if n.opts.listens {
 		aopts := []agent.Option{
 			agent.WithDictionary(dict),
@@ -161,7 +230,10 @@ func (n *Node) Start(ctx context.Context) error {
 		}
 		n.agent = agent.New(n, append(aopts, n.opts.agentOpts...)...)
 		if err := n.agent.Start(ctx); err != nil {
-			n.disp.Stop()
+			if n.cluster != nil {
+				n.cluster.shutdown(ctx)
+			}
+			_ = n.disp.Stop(ctx)
 			n.reg.Shutdown()
 			return fmt.Errorf("node: %w", err)
 		}
@@ -221,7 +293,11 @@ func (n *Node) OnMessage(s *session.Session, m *message.Message) error {
 }
 
 // OnClose implements agent.Handler.
-func (n *Node) OnClose(*session.Session) {}
+func (n *Node) OnClose(s *session.Session) {
+	if n.cluster != nil {
+		n.cluster.onClientClose(s)
+	}
+}
 
 // Shutdown stops the node gracefully: stop accepting clients, run
 // BeforeShutdown hooks, drain in-flight handlers (new requests get 503), kick
@@ -235,17 +311,46 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	n.stopped = true
+	var errs []error
+	if n.cluster != nil {
+		errs = append(errs, n.cluster.deregister(ctx))
+	}
 	if n.agent != nil {
 		n.agent.StopAccepting()
 	}
 	n.reg.BeforeShutdown()
-	errs := []error{n.disp.Drain(ctx)}
+	if n.cluster != nil {
+		n.cluster.waitLinks(ctx)
+	}
+	errs = append(errs, n.disp.Drain(ctx))
 	if n.agent != nil {
 		errs = append(errs, n.agent.Shutdown(ctx))
 	}
-	n.disp.Stop()
+	if n.cluster != nil {
+		n.cluster.shutdown(ctx)
+	}
+	errs = append(errs, n.disp.Stop(ctx))
 	n.reg.Shutdown()
 	return errors.Join(errs...)
+}
+
+// ID returns the node id ("" for a single node).
+func (n *Node) ID() string { return n.opts.id }
+
+// Member returns the node's published member record, or nil for a single node.
+func (n *Node) Member() *discovery.Member {
+	if n.cluster == nil {
+		return nil
+	}
+	return n.cluster.self
+}
+
+// GRPCAddr returns the address of the gRPC service between nodes, or "".
+func (n *Node) GRPCAddr() string {
+	if n.cluster == nil {
+		return ""
+	}
+	return n.cluster.ln.Addr().String()
 }
 
 // TCPAddr returns the client TCP listener's address, or "".

@@ -9,9 +9,8 @@ import "sync"
 var pools [numClasses]sync.Pool
 
 const (
-	numClasses  = 5        // 256 B, 1 KiB, 4 KiB, 16 KiB, 64 KiB
-	minClass    = 256      // size of class 0; each class is 4 times the previous one
-	maxClassCap = 64 << 10 // size of the largest class
+	numClasses = 5   // 256 B, 1 KiB, 4 KiB, 16 KiB, 64 KiB
+	minClass   = 256 // size of class 0; each class is 4 times the previous one
 )
 
 // class returns the index of the smallest class holding n bytes, or -1.

@@ -81,7 +81,20 @@ func (s *Session) Bind(uid int64) error {
 		return fmt.Errorf("%w: %d", ErrIllegalUID, uid)
 	}
 	s.uid.Store(uid)
+	if b, ok := s.entity.(Binder); ok {
+		return b.Bind(s.id, uid)
+	}
 	return nil
+}
+
+// SetUID sets the user id without telling the entity, for owners that
+// mirror a session held elsewhere.
+func (s *Session) SetUID(uid int64) { s.uid.Store(uid) }
+
+// Binder is implemented by entities that must hear of Bind, such as a
+// backend's view of a session held by a gate, which tells the gate.
+type Binder interface {
+	Bind(sid, uid int64) error
 }
 
 // Entity returns the connection side of the session.

@@ -141,6 +141,9 @@ func (r *Registry) Register(c Component, opts ...Option) error {
 		if _, dup := r.routes[route]; dup {
 			return fmt.Errorf("handler: route %q registered twice", route)
 		}
+		if _, dup := svc.Handlers[mname]; dup {
+			return fmt.Errorf("handler: route %q registered twice (method %s.%s maps onto another method's name)", route, name, m.Name)
+		}
 		h := &Handler{Route: route, service: svc, method: v.Method(i)}
 		if mt.In(2) == typeBytes {
 			h.raw = h.method.Interface().(func(*session.Session, []byte) error)
@@ -206,5 +209,8 @@ func (r *Registry) Shutdown() {
 // "join"), the usual WithNameFunc for nano-style routes.
 func LowerFirst(s string) string {
 	r, n := utf8.DecodeRuneInString(s)
+	if r == utf8.RuneError && n <= 1 { // empty or not UTF-8: leave it alone
+		return s
+	}
 	return string(unicode.ToLower(r)) + s[n:]
 }

@@ -60,10 +60,14 @@ type Dispatcher struct {
 	remote     Remote
 	log        zerolog.Logger
 
-	runq     chan *session.Session
-	serials  map[string]*Executor
-	inflight sync.WaitGroup
-	draining atomic.Bool
+	runq    chan *session.Session
+	serials map[string]*Executor
+	// state counts the messages dispatched and not yet handled, with
+	// drainBit set once draining starts: one atomic word, so that a Dispatch
+	// either is counted before Drain looks or sees that draining began.
+	state    atomic.Int64
+	idle     chan struct{} // closed once draining and nothing is in flight
+	idleOnce sync.Once
 	stop     chan struct{}
 	wg       sync.WaitGroup
 	once     sync.Once
@@ -77,6 +81,7 @@ func NewDispatcher(reg *Registry, opts ...DispatcherOption) *Dispatcher {
 		maxPending: 256,
 		log:        zerolog.Nop(),
 		stop:       make(chan struct{}),
+		idle:       make(chan struct{}),
 		serials:    make(map[string]*Executor),
 	}
 	for _, opt := range opts {
@@ -112,17 +117,16 @@ func (d *Dispatcher) Executor(name string) (*Executor, bool) {
 // 503 and drops notifies. It returns session.ErrQueueFull when s has too many
 // messages waiting. It never blocks on a handler.
 func (d *Dispatcher) Dispatch(s *session.Session, m *message.Message) error {
-	if d.draining.Load() {
+	if !d.admit() {
 		if m.Type == message.Request {
 			_ = s.ResponseError(m.ID, message.NewError(message.CodeUnavailable, "shutting down"))
 		}
 		return nil
 	}
 	j := session.NewJob(m)
-	d.inflight.Add(1)
 	schedule, err := s.Enqueue(j, d.maxPending)
 	if err != nil {
-		d.inflight.Done()
+		d.finish()
 		j.Free()
 		return err
 	}
@@ -135,11 +139,9 @@ func (d *Dispatcher) Dispatch(s *session.Session, m *message.Message) error {
 // Drain stops taking new messages (requests get 503) and waits, bounded by
 // ctx, until every queued message has been handled.
 func (d *Dispatcher) Drain(ctx context.Context) error {
-	d.draining.Store(true)
-	done := make(chan struct{})
-	go func() { d.inflight.Wait(); close(done) }()
+	d.startDrain()
 	select {
-	case <-done:
+	case <-d.idle:
 		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("handler: drain: %w", ctx.Err())
@@ -149,7 +151,7 @@ func (d *Dispatcher) Drain(ctx context.Context) error {
 // Stop stops the workers and executors and waits, bounded by ctx, for the
 // handlers still running to return. Call Drain first to finish queued work.
 func (d *Dispatcher) Stop(ctx context.Context) error {
-	d.draining.Store(true)
+	d.startDrain()
 	d.once.Do(func() { close(d.stop) })
 	done := make(chan struct{})
 	go func() { d.wg.Wait(); close(done) }()
@@ -158,6 +160,34 @@ func (d *Dispatcher) Stop(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("handler: stop: handlers still running: %w", ctx.Err())
+	}
+}
+
+const drainBit = 1 << 62
+
+// startDrain makes Dispatch refuse new messages.
+func (d *Dispatcher) startDrain() {
+	if d.state.Or(drainBit) == 0 {
+		d.idleOnce.Do(func() { close(d.idle) })
+	}
+}
+
+// admit counts one more message in flight, unless draining has begun.
+func (d *Dispatcher) admit() bool {
+	if d.state.Load()&drainBit != 0 {
+		return false // draining: leave the count alone so that it can reach zero
+	}
+	if d.state.Add(1)&drainBit != 0 {
+		d.finish() // draining began meanwhile
+		return false
+	}
+	return true
+}
+
+// finish marks one admitted message as handled.
+func (d *Dispatcher) finish() {
+	if d.state.Add(-1) == drainBit {
+		d.idleOnce.Do(func() { close(d.idle) })
 	}
 }
 
@@ -205,7 +235,7 @@ func (d *Dispatcher) resume(s *session.Session) {
 }
 
 func (d *Dispatcher) handle(s *session.Session, h *Handler, j *session.Job) {
-	defer d.inflight.Done()
+	defer d.finish()
 	m := &j.Msg
 	if h == nil {
 		if d.remote != nil && d.remote(s, j) {
@@ -320,7 +350,11 @@ func (e *Executor) Every(ctx context.Context, d time.Duration, fn func()) {
 			case <-ctx.Done():
 				return
 			case <-t.C:
-				e.Submit(fn)
+				select { // not Submit: a stopped executor must not keep this goroutine forever
+				case e.ch <- fn:
+				case <-ctx.Done():
+					return
+				}
 			}
 		}
 	}()

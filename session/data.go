@@ -105,6 +105,10 @@ func (s *Session) Float64(key string) float64 {
 		return v
 	case float32:
 		return float64(v)
+	case uint64: // not through Int64, which wraps values above MaxInt64
+		return float64(v)
+	case uint:
+		return float64(v)
 	}
 	return float64(s.Int64(key))
 }

@@ -62,9 +62,12 @@ func (g *Group) Add(s *Session) error {
 		g.mu.Unlock()
 		return fmt.Errorf("%w: session %d in %q", ErrMemberExists, s.ID(), g.name)
 	}
-	g.members[s.ID()] = s
+	// The hook is registered under g.mu so that a concurrent Leave cannot
+	// take it back after this Add's member was stored.
+	if s.addGroupHook(g) {
+		g.members[s.ID()] = s
+	} // else the session has ended: it is not kept
 	g.mu.Unlock()
-	s.OnClose(g.drop)
 	return nil
 }
 
@@ -81,17 +84,19 @@ func (g *Group) drop(s *Session) {
 func (g *Group) Leave(s *Session) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if _, ok := g.members[s.ID()]; !ok {
+	m, ok := g.members[s.ID()]
+	if !ok {
 		return fmt.Errorf("%w: session %d in %q", ErrMemberNotFound, s.ID(), g.name)
 	}
 	delete(g.members, s.ID())
+	m.removeGroupHook(g)
 	return nil
 }
 
 // LeaveAll removes every member.
 func (g *Group) LeaveAll() {
 	g.mu.Lock()
-	clear(g.members)
+	g.clearLocked()
 	g.mu.Unlock()
 }
 
@@ -99,8 +104,15 @@ func (g *Group) LeaveAll() {
 func (g *Group) Close() {
 	g.mu.Lock()
 	g.closed = true
-	clear(g.members)
+	g.clearLocked()
 	g.mu.Unlock()
+}
+
+func (g *Group) clearLocked() {
+	for _, s := range g.members {
+		s.removeGroupHook(g)
+	}
+	clear(g.members)
 }
 
 // Contains reports whether the session with id is a member.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -47,7 +48,7 @@ type Session struct {
 
 	mu      sync.RWMutex
 	data    map[string]any
-	onClose []func(*Session)
+	onClose []closeHook
 
 	q queue
 }
@@ -184,7 +185,40 @@ func (s *Session) OnClose(fn func(*Session)) {
 		fn(s)
 		return
 	}
-	s.onClose = append(s.onClose, fn)
+	s.onClose = append(s.onClose, closeHook{fn: fn})
+	s.mu.Unlock()
+}
+
+// closeHook is an OnClose callback, or the removal of the session from
+// group g: one per group, taken back when the session leaves the group, so
+// that a long-lived session does not collect a hook (and keep a group
+// reachable) per join.
+type closeHook struct {
+	fn func(*Session)
+	g  *Group
+}
+
+// addGroupHook registers g's removal hook unless it is there already. It
+// reports false if the session has ended. Called with g.mu held.
+func (s *Session) addGroupHook(g *Group) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed.Load() {
+		return false
+	}
+	for _, h := range s.onClose {
+		if h.g == g {
+			return true
+		}
+	}
+	s.onClose = append(s.onClose, closeHook{g: g})
+	return true
+}
+
+// removeGroupHook takes back g's removal hook. Called with g.mu held.
+func (s *Session) removeGroupHook(g *Group) {
+	s.mu.Lock()
+	s.onClose = slices.DeleteFunc(s.onClose, func(h closeHook) bool { return h.g == g })
 	s.mu.Unlock()
 }
 
@@ -197,10 +231,14 @@ func (s *Session) Release() {
 		s.mu.Unlock()
 		return
 	}
-	fns := s.onClose
+	hooks := s.onClose
 	s.onClose = nil
 	s.mu.Unlock()
-	for _, fn := range fns {
-		fn(s)
+	for _, h := range hooks {
+		if h.g != nil {
+			h.g.drop(s)
+		} else {
+			h.fn(s)
+		}
 	}
 }

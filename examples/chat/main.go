@@ -26,15 +26,7 @@ func main() {
 	flag.Parse()
 
 	log := zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.TimeOnly}).With().Timestamp().Logger()
-	n := node.New(
-		node.WithLogger(log),
-		node.WithComponent(room.New(), room.Options()...),
-		node.WithWSAddr(*wsAddr),
-		node.WithTCPAddr(*tcpAddr),
-		node.WithAgent(agent.WithWSPath(*wsPath)),
-		node.WithHTTP("/web/", http.StripPrefix("/web/", web.Handler(*wsPath))),
-		node.WithHTTP("/{$}", http.RedirectHandler("/web/", http.StatusFound)),
-	)
+	n := newNode(*wsAddr, *tcpAddr, *wsPath, log)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := n.Start(ctx); err != nil {
@@ -49,4 +41,19 @@ func main() {
 		log.Error().Err(err).Msg("shutdown")
 		os.Exit(1)
 	}
+}
+
+// newNode wires the chat node: the room component, the WebSocket and TCP
+// listeners, and the page at /web/ on the WebSocket address. The tests start
+// it exactly like this.
+func newNode(wsAddr, tcpAddr, wsPath string, log zerolog.Logger) *node.Node {
+	return node.New(
+		node.WithLogger(log),
+		node.WithComponent(room.New(), room.Options()...),
+		node.WithWSAddr(wsAddr),
+		node.WithTCPAddr(tcpAddr),
+		node.WithAgent(agent.WithWSPath(wsPath)),
+		node.WithHTTP("/web/", http.StripPrefix("/web/", web.Handler(wsPath))),
+		node.WithHTTP("/{$}", http.RedirectHandler("/web/", http.StatusFound)),
+	)
 }

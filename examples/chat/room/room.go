@@ -40,9 +40,12 @@ type Room struct {
 // New returns an empty room.
 func New() *Room { return &Room{group: session.NewGroup("room", nil)} }
 
-// Options are the registration options that give nano's routes room.join and room.message.
+// Options are the registration options that give nano's routes room.join
+// and room.message. The room runs on one serial executor, nano's default
+// semantics: Join reads the members, announces the newcomer and adds it as
+// one step, so concurrent joiners all learn of each other.
 func Options() []handler.Option {
-	return []handler.Option{handler.WithName("room"), handler.WithNameFunc(strings.ToLower)}
+	return []handler.Option{handler.WithName("room"), handler.WithNameFunc(strings.ToLower), handler.WithSerial("room")}
 }
 
 // Group returns the room's members.

@@ -41,9 +41,13 @@ type cluster struct {
 	links   map[*link]struct{} // gates' links to this node
 
 	draining atomic.Bool
-	linkWG   sync.WaitGroup
-	stop     chan struct{}
-	wg       sync.WaitGroup
+	// nlinks counts running Link handlers; linksIdle, if not nil, is closed
+	// when it drops to zero. Guarded by mu. (A WaitGroup would race: gates
+	// may open links while Shutdown waits.)
+	nlinks    int
+	linksIdle chan struct{}
+	stop      chan struct{}
+	wg        sync.WaitGroup
 }
 
 func (c *cluster) start(ctx context.Context) error {
@@ -94,19 +98,36 @@ func (c *cluster) start(ctx context.Context) error {
 	return nil
 }
 
-// onEvent retires the peer of a member that left.
+// onEvent retires the peer of a member that left, and revives it when the
+// same incarnation of the member comes back while its link is still open.
 func (c *cluster) onEvent(ev discovery.Event) {
-	if ev.Type != discovery.EventDelete || ev.Member == nil {
+	if ev.Member == nil {
 		return
 	}
+	id := ev.Member.ID
 	c.mu.Lock()
-	p := c.peers[ev.Member.ID]
-	if p != nil {
-		delete(c.peers, ev.Member.ID)
-		p.retired.Store(true)
-		c.retired[p] = struct{}{}
+	defer c.mu.Unlock()
+	switch ev.Type {
+	case discovery.EventDelete:
+		if p := c.peers[id]; p != nil {
+			delete(c.peers, id)
+			p.retiredAt.Store(time.Now().UnixNano())
+			p.retired.Store(true)
+			c.retired[p] = struct{}{}
+		}
+	case discovery.EventPut:
+		if c.peers[id] != nil {
+			return
+		}
+		for p := range c.retired {
+			if p.id == id && p.incarnation(ev.Member) && p.up.Load() && !p.draining.Load() {
+				delete(c.retired, p)
+				p.retired.Store(false)
+				c.peers[id] = p
+				return
+			}
+		}
 	}
-	c.mu.Unlock()
 }
 
 // sweep expires forwarded requests and closes retired peers once idle.
@@ -133,11 +154,14 @@ func (c *cluster) sweep() {
 				p.expire(now)
 			}
 			for _, p := range old {
-				if p.expire(now) {
-					p.close()
+				if p.expire(now) && p.closable(now) {
 					c.mu.Lock()
+					_, still := c.retired[p] // not revived meanwhile
 					delete(c.retired, p)
 					c.mu.Unlock()
+					if still {
+						p.close()
+					}
 				}
 			}
 		}
@@ -158,7 +182,7 @@ func (c *cluster) peer(m *discovery.Member) (*peer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: dial %s: %w", m.ID, err)
 	}
-	p := newPeer(c, m.ID, conn)
+	p := newPeer(c, m, conn)
 	c.peers[m.ID] = p
 	return p, nil
 }
@@ -322,6 +346,17 @@ func (c *cluster) onClientClose(s *session.Session) {
 // (gates re-route them).
 func (c *cluster) deregister(ctx context.Context) error {
 	c.draining.Store(true)
+	// Tell the gates at once, so they close their links without waiting
+	// to see whether the member comes back (see reviveWindow).
+	c.mu.Lock()
+	links := make([]*link, 0, len(c.links))
+	for l := range c.links {
+		links = append(links, l)
+	}
+	c.mu.Unlock()
+	for _, l := range links {
+		l.drainNotice()
+	}
 	if err := c.disc.Close(ctx); err != nil {
 		return fmt.Errorf("node: deregister: %w", err)
 	}
@@ -333,11 +368,29 @@ func (c *cluster) deregister(ctx context.Context) error {
 func (c *cluster) waitLinks(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, c.n.opts.drainGrace)
 	defer cancel()
-	done := make(chan struct{})
-	go func() { c.linkWG.Wait(); close(done) }()
+	c.mu.Lock()
+	if c.nlinks == 0 {
+		c.mu.Unlock()
+		return
+	}
+	if c.linksIdle == nil {
+		c.linksIdle = make(chan struct{})
+	}
+	idle := c.linksIdle
+	c.mu.Unlock()
 	select {
-	case <-done:
+	case <-idle:
 	case <-ctx.Done():
+	}
+}
+
+// linkDone counts a Link handler out.
+func (c *cluster) linkDone() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.nlinks--; c.nlinks == 0 && c.linksIdle != nil {
+		close(c.linksIdle)
+		c.linksIdle = nil
 	}
 }
 

@@ -39,9 +39,12 @@ func (c *cluster) Link(st clusterpb.Cluster_LinkServer) error {
 		done: make(chan struct{}), sessions: make(map[int64]*remoteSession)}
 	c.mu.Lock()
 	c.links[l] = struct{}{}
+	c.nlinks++
 	c.mu.Unlock()
-	c.linkWG.Add(1)
-	defer c.linkWG.Done()
+	defer c.linkDone()
+	if c.draining.Load() {
+		l.drainNotice()
+	}
 
 	errc := make(chan error, 1)
 	go func() {
@@ -84,6 +87,12 @@ func (c *cluster) Link(st clusterpb.Cluster_LinkServer) error {
 		rs.sess.Release()
 	}
 	return nil
+}
+
+// drainNotice tells the gate that this node is leaving: a Retry response
+// with no message id (requests always have one).
+func (l *link) drainNotice() {
+	_ = l.send(&clusterpb.Downstream{Kind: &clusterpb.Downstream_Response{Response: &clusterpb.Response{Retry: true}}})
 }
 
 func (l *link) onForward(f *clusterpb.Forward) {

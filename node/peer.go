@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nanomesh/nanomesh/discovery"
 	"github.com/nanomesh/nanomesh/message"
 	"github.com/nanomesh/nanomesh/node/clusterpb"
 	"github.com/nanomesh/nanomesh/session"
@@ -27,8 +28,16 @@ type peer struct {
 	up    atomic.Bool // a Link stream is open
 	// retired: the member left the table; no new work, close once idle.
 	retired atomic.Bool
-	closed  chan struct{}
-	once    sync.Once
+	// retiredAt (unix ns) is when the member left; a retired peer whose
+	// link is healthy is kept for reviveWindow in case the same incarnation
+	// of the member comes back (its record re-created after an etcd outage).
+	retiredAt atomic.Int64
+	// draining: the backend announced its graceful departure on the link.
+	draining atomic.Bool
+	addr     string    // the member's gRPC address
+	started  time.Time // the member's StartedAt: its incarnation
+	closed   chan struct{}
+	once     sync.Once
 
 	mu       sync.Mutex
 	inflight map[reqKey]*pending
@@ -48,9 +57,9 @@ type pending struct {
 	tries    int
 }
 
-func newPeer(c *cluster, id string, conn *grpc.ClientConn) *peer {
+func newPeer(c *cluster, m *discovery.Member, conn *grpc.ClientConn) *peer {
 	p := &peer{
-		c: c, id: id, conn: conn, cli: clusterpb.NewClusterClient(conn),
+		c: c, id: m.ID, addr: m.GRPCAddr, started: m.StartedAt, conn: conn, cli: clusterpb.NewClusterClient(conn),
 		sendq:    make(chan *clusterpb.Upstream, 4096),
 		closed:   make(chan struct{}),
 		inflight: make(map[reqKey]*pending),
@@ -61,7 +70,25 @@ func newPeer(c *cluster, id string, conn *grpc.ClientConn) *peer {
 }
 
 // usable reports whether new work may be routed to p.
-func (p *peer) usable() bool { return p.up.Load() && !p.retired.Load() }
+func (p *peer) usable() bool { return p.up.Load() && !p.retired.Load() && !p.draining.Load() }
+
+// reviveWindow is how long a retired peer with a healthy link stays open for
+// its member to come back: an etcd outage makes members re-register, which
+// deletes and re-creates their records; closing the link meanwhile would
+// make the backend release every session of this gate.
+const reviveWindow = 2 * time.Second
+
+// closable reports whether a retired, idle peer may be closed now: its
+// backend is leaving or unreachable, or it stayed away too long.
+func (p *peer) closable(now time.Time) bool {
+	return p.draining.Load() || !p.up.Load() || now.Sub(time.Unix(0, p.retiredAt.Load())) >= reviveWindow
+}
+
+// incarnation reports whether m is the member p was created for (same
+// address, same start), as opposed to a restarted node with the same id.
+func (p *peer) incarnation(m *discovery.Member) bool {
+	return p.addr == m.GRPCAddr && p.started.Equal(m.StartedAt)
+}
 
 // forward queues a request or notify for the backend. A request is tracked
 // until its response, a failure of the link (502) or its deadline (504).
@@ -160,6 +187,12 @@ func (p *peer) deliver(down *clusterpb.Downstream) {
 	switch k := down.Kind.(type) {
 	case *clusterpb.Downstream_Response:
 		r := k.Response
+		if r.Mid == 0 {
+			if r.Retry { // drain notice: the backend is leaving
+				p.draining.Store(true)
+			}
+			return
+		}
 		key := reqKey{r.SessionId, r.Mid}
 		p.mu.Lock()
 		pd := p.inflight[key]

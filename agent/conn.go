@@ -48,7 +48,7 @@ type conn struct {
 	nbc   *nbio.Conn      // raw TCP, or nil
 	ws    *websocket.Conn // WebSocket, or nil
 	state atomic.Int32
-	// lastRecv is the wheel clock (unix nanos) when the client last sent anything.
+	// lastRecv is when (unix nanos) the client last sent anything.
 	lastRecv atomic.Int64
 	created  int64
 	reason   atomic.Pointer[string] // why the server closed it, if it did
@@ -169,7 +169,11 @@ func (c *conn) closeNow() {
 
 // onData runs on the event loop for every chunk read from the client.
 func (c *conn) onData(data []byte) {
-	c.lastRecv.Store(c.srv.clock.Load())
+	// The real time, not the wheel's clock: that lags by up to a tick, which
+	// made a client silent for just over 2 x heartbeat - tick look silent
+	// for more than 2 x heartbeat (with a 1 s heartbeat and tick, kicks
+	// after 1.5 s of silence, and of clients heartbeating on time).
+	c.lastRecv.Store(time.Now().UnixNano())
 	if err := c.dec.Feed(data, c.onPacket); err != nil {
 		var reason string
 		switch {

@@ -40,7 +40,6 @@ type options struct {
 	tick              time.Duration
 	maxPacket         int
 	writeBacklog      int
-	maxPending        int
 	dict              *message.Dictionary
 	ser               message.Serializer
 	validator         Validator
@@ -58,7 +57,6 @@ func defaults() options {
 		tick:             time.Second,
 		maxPacket:        packet.DefaultMaxBody,
 		writeBacklog:     256 << 10,
-		maxPending:       256,
 		ser:              message.JSON,
 		log:              zerolog.Nop(),
 		checkOrigin:      func(*http.Request) bool { return true },
@@ -129,10 +127,6 @@ func WithMaxPacket(n int) Option { return func(o *options) { o.maxPacket = n } }
 // (default 256 KiB). A client that falls further behind is closed as a slow
 // consumer.
 func WithWriteBacklog(n int) Option { return func(o *options) { o.writeBacklog = n } }
-
-// WithMaxPending sets how many messages of one client may wait for their
-// handlers (default 256); a client that floods beyond it is kicked.
-func WithMaxPending(n int) Option { return func(o *options) { o.maxPending = n } }
 
 // WithDictionary sets the route dictionary sent in the handshake and used to
 // compress routes both ways.

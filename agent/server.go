@@ -53,9 +53,16 @@ type Server struct {
 	sessions sessionTable
 	clock    atomic.Int64 // unix nanos, advanced by the wheel goroutine
 	count    atomic.Int64
-	closing  atomic.Bool
-	stop     chan struct{}
-	wg       sync.WaitGroup
+	// handoff orders a poller's handling of a connection after the setup done
+	// by the goroutine that accepted it (ours for TCP, nbio's listener for
+	// WebSocket). nbio hands connections over through epoll and a plain array,
+	// which the Go memory model (and the race detector) does not see as
+	// synchronization: the acceptor adds to handoff before handing over, the
+	// poller loads it before touching the connection.
+	handoff atomic.Int64
+	closing atomic.Bool
+	stop    chan struct{}
+	wg      sync.WaitGroup
 }
 
 // New returns a server that hands sessions and messages to h.
@@ -117,6 +124,11 @@ func (s *Server) Start(ctx context.Context) error {
 	}
 	s.engine = nbhttp.NewEngine(conf)
 	s.engine.OnClose(s.onEngineClose)
+	s.engine.OnOpen(func(net.Conn) { s.handoff.Add(1) }) // nbio's acceptor, before the hand-over
+	s.engine.Engine.OnData(func(c *nbio.Conn, data []byte) {
+		s.handoff.Load()
+		c.DataHandler()(c, data) // what nbhttp's own OnData does
+	})
 	s.upgrader = websocket.NewUpgrader()
 	s.upgrader.KeepaliveTime = 0 // liveness is the wheel's job: no per-connection deadline
 	s.upgrader.CheckOrigin = s.opts.checkOrigin
@@ -217,24 +229,25 @@ func (s *Server) acceptTCP(ln net.Listener) {
 			_ = nc.Close()
 			continue
 		}
-		c := s.newConn()
-		c.nbc = nbc
+		c := s.newConn(nbc, nil)
 		nbc.SetSession(c)
 		nbc.OnData(func(nbc *nbio.Conn, data []byte) {
 			if c, ok := nbc.Session().(*conn); ok {
 				c.onData(data)
 			}
 		})
+		s.handoff.Add(1) // publish c to the poller (see handoff)
 		if _, err := s.engine.AddConn(nbc); err != nil {
-			s.count.Add(-1)
-			s.wheel.remove(c)
 			_ = nbc.Close()
+			c.closed(err) // once only, whether or not nbio also reports the close
 		}
 	}
 }
 
-func (s *Server) newConn() *conn {
-	c := &conn{srv: s, created: s.clock.Load(), slot: onNone}
+// newConn sets c up completely before it is published to the wheel, which
+// may kick it at once (e.g. on Shutdown).
+func (s *Server) newConn(nbc *nbio.Conn, ws *websocket.Conn) *conn {
+	c := &conn{srv: s, nbc: nbc, ws: ws, created: s.clock.Load(), slot: onNone}
 	c.dec.Init(s.opts.maxPacket)
 	c.lastRecv.Store(c.created)
 	s.count.Add(1)
@@ -252,13 +265,13 @@ func (s *Server) upgrade(w http.ResponseWriter, r *http.Request) {
 		s.opts.log.Debug().Err(err).Str("remote", r.RemoteAddr).Msg("websocket upgrade")
 		return
 	}
-	c := s.newConn()
-	c.ws = ws
+	c := s.newConn(nil, ws)
 	ws.SetSession(c)
 }
 
 // onEngineClose runs once per closed nbio connection, TCP or WebSocket.
 func (s *Server) onEngineClose(nc net.Conn, err error) {
+	s.handoff.Load() // a connection may close before it sent anything
 	nbc, ok := nc.(*nbio.Conn)
 	if !ok {
 		return

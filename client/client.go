@@ -220,6 +220,12 @@ func (c *Client) send(ctx context.Context, m *message.Message) error {
 		return dst, nil
 	})
 	if errors.Is(err, ErrClosed) {
+		// The server may have kicked us and closed: let the read loop take
+		// the Kick it sent before this error ends the connection.
+		select {
+		case <-c.done:
+		case <-time.After(time.Second):
+		}
 		c.shutdown(err)
 		return c.closedErr()
 	}

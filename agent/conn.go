@@ -269,6 +269,13 @@ func (c *conn) established() error {
 	if !c.state.CompareAndSwap(stAwaitAck, stWorking) || !srv.wheel.promote(c) {
 		return errKick
 	}
+	if c.ws != nil {
+		// nbio arms the HTTP phase's read deadline (KeepaliveTime) after
+		// handing the connection to a poller, so it can land after the
+		// upgrade cleared it and close the session later: clear it again.
+		// Liveness is the wheel's job.
+		_ = c.ws.SetReadDeadline(time.Time{})
+	}
 	srv.sessions.put(c)
 	srv.handler.OnSession(&c.sess)
 	return nil

@@ -1,8 +1,6 @@
 package loadgen
 
 import (
-	"fmt"
-	"io"
 	"time"
 
 	"github.com/nanomesh/nanomesh/bench/internal/child"
@@ -83,8 +81,6 @@ func Main() error {
 		case "close":
 			g.CloseAll()
 			out.Send("closed", g.Counters())
-		default:
-			fmt.Fprintf(io.Discard, "unknown command %q", cmd)
 		}
 	}
 	return nil

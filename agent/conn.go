@@ -317,8 +317,11 @@ func (c *conn) closed(err error) {
 	srv.count.Add(-1)
 	if r := c.reason.Load(); r != nil {
 		srv.opts.log.Debug().Str("reason", *r).Stringer("remote", c.RemoteAddr()).Msg("client closed by server")
+	} else if err != nil {
+		// Neither the client's EOF nor one of our reasons: e.g. a deadline
+		// nbio armed itself (see established).
+		srv.opts.log.Debug().Err(err).Stringer("remote", c.RemoteAddr()).Msg("connection closed")
 	}
-	_ = err
 }
 
 // visit is the wheel's per-connection check.
